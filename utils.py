@@ -378,6 +378,8 @@ def write_offline_models(output_dir, questions, hidden_size=32, layers=2, heads=
 
     torch.manual_seed(0)
     output_dir = Path(output_dir)
+    # With the usual initializer_range of 0.02, a random 32-wide encoder gives nearly the same pooled
+    # output for every input, and the head cannot tell questions apart; 0.2 keeps them distinct.
     vision_dir = output_dir / "vit-tiny"
     text_dir = output_dir / "bert-tiny"
 
@@ -388,6 +390,7 @@ def write_offline_models(output_dir, questions, hidden_size=32, layers=2, heads=
         intermediate_size=hidden_size * 4,
         image_size=224,
         patch_size=32,
+        initializer_range=0.2,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
@@ -410,6 +413,7 @@ def write_offline_models(output_dir, questions, hidden_size=32, layers=2, heads=
         num_attention_heads=heads,
         intermediate_size=hidden_size * 4,
         max_position_embeddings=512,
+        initializer_range=0.2,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )

@@ -58,3 +58,22 @@ def train_command(offline_models, output_dir, cache_dir, *extra, launcher=None):
         "--num_workers", "0",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(offline_models, image_cache_dir, tmp_path_factory):
+    """Train two epochs on the whole shipped data set in one process and return the run directory."""
+    output_dir = tmp_path_factory.mktemp("run") / "single"
+    run_script(train_command(offline_models, output_dir, image_cache_dir, "--epochs", "2", "--batch_size", "16"))
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def torchrun_run(offline_models, image_cache_dir, tmp_path_factory):
+    """Train one epoch on the shipped data with two torchrun processes (gloo) and return the run directory."""
+    output_dir = tmp_path_factory.mktemp("run") / "torchrun"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = train_command(offline_models, output_dir, image_cache_dir, "--epochs", "1", "--batch_size", "8",
+                            "--multi_gpu", launcher=launcher)
+    run_script(command)
+    return output_dir
