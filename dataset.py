@@ -75,22 +75,25 @@ SKIPPABLE_PROBLEMS = {
 }
 
 
-def normalize_columns(frame, source):
+def column_renames(columns):
+    """Return {column as written: canonical name} for the accepted spellings among columns."""
+    renames = {}
+    for canonical, aliases in COLUMN_ALIASES.items():
+        for column in columns:
+            if str(column).strip() in aliases and canonical not in renames.values():
+                renames[column] = canonical
+    return renames
+
+
+def normalize_columns(frame, source, required=REQUIRED_COLUMNS):
     """Rename accepted column spellings to paper_id, question, answer, image (and caption).
 
     Raises UsageError naming the columns found when a required one is missing.
     """
-    renames = {}
-    stripped = {column: str(column).strip() for column in frame.columns}
-    for canonical, aliases in COLUMN_ALIASES.items():
-        for column, name in stripped.items():
-            if name in aliases and canonical not in renames.values():
-                renames[column] = canonical
-    frame = frame.rename(columns=renames)
-
-    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+    found = ", ".join(str(column).strip() for column in frame.columns) or "none"
+    frame = frame.rename(columns=column_renames(frame.columns))
+    missing = [column for column in required if column not in frame.columns]
     if missing:
-        found = ", ".join(str(column) for column in stripped.values()) or "none"
         raise UsageError(
             f"{source} is missing the column(s) {', '.join(missing)}; found: {found}. "
             "Expected paper_id,Question,Answer,Image (lower-case question, answer, image or image_name also work)"
@@ -98,7 +101,7 @@ def normalize_columns(frame, source):
     return frame
 
 
-def read_csv_file(csv_path):
+def read_csv_file(csv_path, required=REQUIRED_COLUMNS):
     """Read a training CSV with pandas, keeping quoted commas and newlines inside answers.
 
     Every cell is read as a string and empty cells become empty strings. Raises UsageError for a
@@ -119,7 +122,7 @@ def read_csv_file(csv_path):
     except pd.errors.ParserError as error:
         raise UsageError(f"{csv_path} could not be parsed as CSV: {error}") from None
 
-    frame = normalize_columns(frame, csv_path)
+    frame = normalize_columns(frame, csv_path, required)
     if len(frame) == 0:
         raise UsageError(f"{csv_path} has a header but no data rows")
     for column in frame.columns:
@@ -158,8 +161,8 @@ def check_image_file(path, max_pixels):
 def validate_rows(frame, images_dir, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, check_images=True, workers=8):
     """Check every row's fields and image and return the valid rows with a list of problems.
 
-    Adds an image_path column with the resolved image path. Row numbers in problems count data
-    rows from 1, in file order.
+    Adds an image_path column with the resolved image path and a csv_row column with the row's
+    number. Row numbers count data rows from 1, in file order, in both places.
     """
     problems = []
     keep = []
@@ -212,7 +215,7 @@ def validate_rows(frame, images_dir, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, check_
                 problems.append(RowProblem(position + 1, result[0], f"{path}: {result[1]}"))
                 keep[position] = False
 
-    rows = frame.assign(image_path=image_paths)[keep].reset_index(drop=True)
+    rows = frame.assign(image_path=image_paths, csv_row=np.arange(1, len(frame) + 1))[keep].reset_index(drop=True)
     rows["paper_id"] = rows["paper_id"].str.strip()
     rows["image"] = rows["image"].str.strip()
     problems.sort(key=lambda problem: problem.row)

@@ -137,7 +137,11 @@ def predict_csv(predictor, args):
     """
     input_csv = Path(args.input_csv)
     data_dir = Path(args.data_dir) if args.data_dir else input_csv.parent
-    frame = data.read_csv_file(input_csv) if "answer" in read_header(input_csv) else read_unanswered_csv(input_csv)
+    frame = data.read_csv_file(input_csv, required=("paper_id", "question", "image"))
+    original_names = {canonical: column for column, canonical in data.column_renames(
+        pd.read_csv(input_csv, nrows=0).columns).items()}
+    if "answer" not in frame.columns:
+        frame["answer"] = ""
     report = data.validate_rows(frame, data_dir)
     rows = data.report_problems(report, str(input_csv), strict=False)
 
@@ -161,7 +165,9 @@ def predict_csv(predictor, args):
     for batch in tqdm(loader, desc="predicting", unit="batch"):
         results.extend(predictor.predict_batch(batch, args.top_k))
 
-    output = rows.drop(columns=["image_path"]).copy()
+    output = rows.drop(columns=["image_path", "csv_row"]).rename(columns=original_names)
+    if "answer" not in original_names:
+        output = output.drop(columns=["answer"])
     output["predicted_answer"] = [result["answer"] for result in results]
     output["confidence"] = [result["confidence"] for result in results]
     output["top_k"] = [json.dumps(result["top_k"], ensure_ascii=False) for result in results]
@@ -178,18 +184,6 @@ def predict_csv(predictor, args):
     for name, value in metrics.items():
         logger.info("%-22s %s", name, "n/a" if value is None else f"{value:.4f}")
     return metrics
-
-
-def read_header(csv_path):
-    columns = pd.read_csv(csv_path, nrows=0).columns
-    return {alias_key for alias_key, aliases in data.COLUMN_ALIASES.items() for column in columns if column.strip() in aliases}
-
-
-def read_unanswered_csv(csv_path):
-    """Read a CSV without an answer column by adding an empty one."""
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    frame["Answer"] = ""
-    return data.normalize_columns(frame, csv_path)
 
 
 def interactive(predictor, top_k):

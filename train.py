@@ -464,8 +464,9 @@ def write_run_metadata(output_dir, args, prepared, model_args):
         "seed": args.seed,
         "val_fraction": args.val_fraction,
         "split_by": args.split_by,
-        "train": [int(position) for position in prepared["train_positions"]],
-        "validation": [int(position) for position in prepared["val_positions"]],
+        "row_numbering": "data rows of the CSV, from 1, in file order",
+        "train": [int(row) for row in prepared["rows"]["csv_row"].iloc[prepared["train_positions"]]],
+        "validation": [int(row) for row in prepared["rows"]["csv_row"].iloc[prepared["val_positions"]]],
     }
     utils.write_json(output_dir / "split.json", split)
     config = {"model": model_args, "args": vars(args), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
