@@ -27,6 +27,13 @@ def load_encoder(name_or_path, pretrained=True, attn_implementation="sdpa", conf
     return AutoModel.from_config(config, attn_implementation=attn_implementation)
 
 
+def pooled_output(outputs):
+    """Return an encoder's pooler output, or its first token's hidden state for checkpoints saved without a pooler."""
+    if getattr(outputs, "pooler_output", None) is not None:
+        return outputs.pooler_output
+    return outputs.last_hidden_state[:, 0]
+
+
 class FusionHead(nn.Module):
     """Two SiLU layers with dropout over the concatenated image, question and paper features."""
 
@@ -92,13 +99,13 @@ class SpiqaClassifier(nn.Module):
 
     def encode_image(self, pixel_values):
         """Return the vision encoder's pooled output, [B, vision hidden size]."""
-        return self.vision_encoder(pixel_values=self.normalize_pixels(pixel_values)).pooler_output
+        return pooled_output(self.vision_encoder(pixel_values=self.normalize_pixels(pixel_values)))
 
     def encode_question(self, input_ids, attention_mask, token_type_ids=None):
         """Return the text encoder's pooled output, [B, text hidden size]."""
-        return self.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).pooler_output
+        return pooled_output(
+            self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        )
 
     def classify(self, image_features, question_features, paper_ids):
         """Return logits [B, num_classes] from encoder features and paper indices."""
@@ -128,7 +135,7 @@ class SpiqaClassifier(nn.Module):
             encoder.eval()
 
     def optimizer_groups(self, weight_decay):
-        """Split trainable parameters into decayed weights and undecayed biases, norms and embeddings' biases."""
+        """Return AdamW parameter groups: weight matrices and embeddings decay, biases and norm weights do not."""
         decay, no_decay = [], []
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:

@@ -96,7 +96,7 @@ def merge_resumed_args(args):
     """Return args with the resumed run's saved options, keeping those in RESUME_OVERRIDABLE."""
     config_path = Path(args.resume, utils.RUN_CONFIG_NAME)
     if not config_path.is_file():
-        raise UsageError(f"--resume {args.resume} holds no {utils.RUN_CONFIG_NAME}; pass a run directory that train.py wrote")
+        raise UsageError(f"--resume {args.resume} contains no {utils.RUN_CONFIG_NAME}; pass a run directory that train.py wrote")
     saved = utils.read_json(config_path)["args"]
     merged = vars(args).copy()
     for name, value in saved.items():
@@ -134,7 +134,7 @@ def check_args(args):
     if args.val_fraction == 0 and args.select_metric.startswith("val_"):
         args.select_metric = "train_loss"
     if args.resume is not None and not Path(args.resume, utils.TRAINING_STATE_NAME).is_file():
-        raise UsageError(f"--resume {args.resume} holds no {utils.TRAINING_STATE_NAME}; pass a run directory that train.py wrote")
+        raise UsageError(f"--resume {args.resume} contains no {utils.TRAINING_STATE_NAME}; pass a run directory that train.py wrote")
 
 
 # ---------------------------------------------------------------------------------------------
