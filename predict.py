@@ -137,13 +137,23 @@ def predict_csv(predictor, args):
     """
     input_csv = Path(args.input_csv)
     data_dir = Path(args.data_dir) if args.data_dir else input_csv.parent
-    frame = data.read_csv_file(input_csv) if "answer" in read_header(input_csv) else read_unanswered_csv(input_csv)
-    report = data.validate_rows(frame, data_dir)
+    answered = "answer" in read_header(input_csv)
+    frame = data.read_csv_file(input_csv) if answered else read_unanswered_csv(input_csv)
+    if answered:
+        report = data.validate_rows(frame, data_dir)
+    else:
+        # validate_rows skips rows with an empty answer, which every row of a question-only CSV has.
+        report = data.validate_rows(frame.assign(answer="unanswered"), data_dir)
+        report.rows["answer"] = ""
     rows = data.report_problems(report, str(input_csv), strict=False)
 
     captions = list(rows["caption"]) if "caption" in rows.columns else None
     has_answers = bool((rows["answer"] != "").any())
-    labels = data.encode_labels(rows["answer"], predictor.label_map) if has_answers else [-1] * len(rows)
+    answers = rows["answer"]
+    if predictor.model_args.get("normalize_answers", False):
+        # The label map holds normalised answers, so the gold answers must be normalised to match.
+        answers = answers.map(data.normalize_answer)
+    labels = data.encode_labels(answers, predictor.label_map) if has_answers else [-1] * len(rows)
     image_cache = None if args.no_image_cache else data.ImageCache(
         args.cache_dir or Path.home() / ".cache" / "spiqa" / "images", predictor.image_settings
     )
@@ -252,6 +262,8 @@ def main(argv=None):
         utils.setup_logging(level=logging.WARNING if args.json else logging.INFO)
         device = utils.select_device(args.gpu)
         predictor = Predictor(args.checkpoint_dir, device, args.mixed_precision, args.weights)
+        if args.caption and not predictor.use_caption:
+            logger.warning("--caption is ignored: %s was trained without --use_caption", args.checkpoint_dir)
         top_k = min(args.top_k, len(predictor.label_map))
 
         if args.input_csv:
