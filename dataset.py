@@ -541,8 +541,8 @@ class LazyQuestionEncodings:
     """A sequence of (input_ids, token_type_ids) that tokenizes each question when it is read.
 
     Items equal tokenize_questions' output for the same arguments. Tokenizing at read time keeps
-    start-up and memory independent of the tokenizer on a 270,000-question split; the cost moves
-    to the data loader workers, a few milliseconds per batch.
+    start-up time and memory independent of the tokenizer on a 270,000-question split. The cost
+    moves to the data loader workers instead, where it is small next to decoding the images.
     """
 
     def __init__(self, tokenizer, questions, captions=None, max_length=MAX_QUESTION_TOKENS):
@@ -735,8 +735,8 @@ def read_question_file(path):
 def list_paper_folder(root, paper_id):
     """Return (resolved folder, set of regular file names in it) for one paper, or None.
 
-    None means the folder is missing, unreadable or resolves outside root; symbolic links are
-    left out of the set, so that rows naming them take the full check of locate_image.
+    None means the folder is missing, unreadable or resolves outside root. Symbolic links are
+    left out of the set, so rows that name them take the full check of locate_image.
     """
     try:
         folder = (root / paper_id).resolve(strict=True)

@@ -147,7 +147,7 @@ def check_args(args):
 def check_data_args(args):
     """Raise UsageError for data options that do not go together, and fill in --image_check."""
     if args.train_file is not None and args.train_images_dir is None:
-        raise UsageError("--train_file needs --train_images_dir, the folder that holds one image folder per paper")
+        raise UsageError("--train_file needs --train_images_dir, the folder that contains one image folder per paper")
     if args.train_file is None:
         for name in ("train_images_dir", "val_file", "val_images_dir"):
             if getattr(args, name) is not None:

@@ -266,14 +266,14 @@ def test_vocabulary_counts_drop(release_dir, offline_models):
     answers = [data.normalize_answer(row["answer"]) for row in expected_rows(release_content()) if row["image"] != MISSING_FIGURE]
     val_answers = list(prepared["val_rows"]["answer"])
     train_counts = Counter(answers) - Counter(val_answers)
-    kept = {answer for answer, count in train_counts.items() if count >= 3}
+    vocabulary_answers = {answer for answer, count in train_counts.items() if count >= 3}
     vocabulary = prepared["vocabulary"]
-    assert set(prepared["label_map"]) == kept
+    assert set(prepared["label_map"]) == vocabulary_answers
     assert "yes" in prepared["label_map"]
     assert "Yes." not in prepared["label_map"]
-    assert vocabulary["train_outside_questions"] == sum(count for answer, count in train_counts.items() if answer not in kept)
-    assert vocabulary["val_outside_questions"] == sum(answer not in kept for answer in val_answers)
-    assert len(prepared["train_rows"]) == sum(count for answer, count in train_counts.items() if answer in kept)
+    assert vocabulary["train_outside_questions"] == sum(count for answer, count in train_counts.items() if answer not in vocabulary_answers)
+    assert vocabulary["val_outside_questions"] == sum(answer not in vocabulary_answers for answer in val_answers)
+    assert len(prepared["train_rows"]) == sum(count for answer, count in train_counts.items() if answer in vocabulary_answers)
 
 
 def test_vocabulary_counts_other(release_dir, offline_models):
@@ -281,10 +281,10 @@ def test_vocabulary_counts_other(release_dir, offline_models):
     prepared = train.prepare_data(args, utils.DistributedContext())
     train_answers = list(prepared["train_rows"]["answer"])
     ranked = sorted(Counter(train_answers).items(), key=lambda item: (-item[1], item[0]))
-    kept = {answer for answer, _ in ranked[:2]}
-    assert set(prepared["label_map"]) == kept | {data.OTHER_ANSWER}
-    assert prepared["vocabulary"]["train_outside_questions"] == sum(answer not in kept for answer in train_answers)
-    assert prepared["vocabulary"]["train_outside_answers"] == len(set(train_answers) - kept)
+    vocabulary_answers = {answer for answer, _ in ranked[:2]}
+    assert set(prepared["label_map"]) == vocabulary_answers | {data.OTHER_ANSWER}
+    assert prepared["vocabulary"]["train_outside_questions"] == sum(answer not in vocabulary_answers for answer in train_answers)
+    assert prepared["vocabulary"]["train_outside_answers"] == len(set(train_answers) - vocabulary_answers)
     assert all(label >= 0 for label in prepared["train_dataset"].labels)
 
 
@@ -369,7 +369,7 @@ def test_caption_run_logs_vocabulary(caption_run):
 
 
 # predict.py and the reference below run the same float32 operations on one CPU, so they agree
-# far more closely than this; the caption's effect on the tiny test model is about 1e-6 or more.
+# far more closely than this. The caption moves the tiny test model's probabilities by about 1e-6.
 PROBABILITY_TOLERANCE = 1e-7
 
 
