@@ -137,7 +137,7 @@ def check_args(args):
             raise UsageError(f"--{name} must be at least 1, got {value}")
     if args.dist_timeout_minutes <= 0:
         raise UsageError(f"--dist_timeout_minutes must be positive, got {args.dist_timeout_minutes}")
-    if args.val_fraction == 0 and args.select_metric.startswith("val_"):
+    if args.val_fraction == 0 and args.val_file is None and args.select_metric.startswith("val_"):
         args.select_metric = "train_loss"
     check_data_args(args)
     if args.resume is not None and not Path(args.resume, utils.TRAINING_STATE_NAME).is_file():
@@ -175,6 +175,7 @@ def read_rows(args):
     rows = data.load_question_file(args.train_file, args.train_images_dir, args.strict, args.max_image_pixels, args.image_check)
     if args.val_file is None:
         return rows, None
+    logger.info("validation questions come from --val_file %s; --val_fraction and --split_by are not used", args.val_file)
     val_images_dir = args.val_images_dir or args.train_images_dir
     val_rows = data.load_question_file(args.val_file, val_images_dir, args.strict, args.max_image_pixels, args.image_check)
     return rows, val_rows

@@ -13,7 +13,7 @@ from PIL import Image
 import dataset as data
 import train
 import utils
-from conftest import run_script
+from conftest import DATA_DIR, run_script
 from model import build_model
 
 PAPERS = ("2101.00001v1", "2101.00002v1", "2101.00003v1", "2101.00004v1")
@@ -257,6 +257,17 @@ def test_val_file_replaces_split(release_dir, offline_models):
     val_rows = data.load_question_file(release_dir / "SPIQA_val.json", release_dir / "images")
     assert len(prepared["train_rows"]) == len(prepared["rows"])
     assert list(prepared["val_rows"]["question"]) == list(val_rows["question"])
+
+
+def test_data_dir_image_check_exists(offline_models):
+    vision_dir, text_dir = offline_models
+    common = ["--data_dir", str(DATA_DIR), "--vision_model", vision_dir, "--text_model", text_dir, "--no_image_cache"]
+    default_args = train.parse_args(common)
+    exists_args = train.parse_args(common + ["--image_check", "exists"])
+    assert default_args.image_check == "full"
+    default_rows, _ = train.read_rows(default_args)
+    exists_rows, _ = train.read_rows(exists_args)
+    pd.testing.assert_frame_equal(exists_rows, default_rows)
 
 
 def test_vocabulary_counts_drop(release_dir, offline_models):
