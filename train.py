@@ -262,7 +262,10 @@ def prepare_data(args, context):
 
     has_captions = "caption" in rows.columns and (val_file_rows is None or "caption" in val_file_rows.columns)
     if args.use_caption and not has_captions:
-        logger.warning("--use_caption: the data has no Caption column, so every question is encoded alone")
+        logger.warning(
+            "--use_caption: the data has no Caption column, so every question is encoded alone "
+            "and run_config.json records use_caption false"
+        )
 
     def make_dataset(frame):
         captions = list(frame["caption"]) if args.use_caption and "caption" in frame.columns else None
@@ -290,6 +293,7 @@ def prepare_data(args, context):
         "val_dataset": make_dataset(val_rows),
         "label_map": label_map,
         "vocabulary": vocabulary,
+        "use_caption": bool(args.use_caption and has_captions),
         "paper_vocab": paper_vocab,
         "tokenizer": tokenizer,
         "image_settings": image_settings,
@@ -537,7 +541,7 @@ def model_arguments(args, prepared, vision_encoder, text_encoder):
         "hidden_dim": 512,
         "dropout": args.dropout,
         "attn_implementation": args.attn_implementation,
-        "use_caption": bool(args.use_caption),
+        "use_caption": prepared["use_caption"],
         "normalize_answers": args.normalize_answers,
     }
 

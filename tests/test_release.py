@@ -328,6 +328,17 @@ def test_without_use_caption_question_alone(release_dir, offline_models):
     assert prepared["train_dataset"][0]["input_ids"].tolist() == expected
 
 
+def test_use_caption_without_captions_off(offline_models):
+    vision_dir, text_dir = offline_models
+    args = train.parse_args(["--data_dir", str(DATA_DIR), "--vision_model", vision_dir, "--text_model", text_dir,
+                             "--no_image_cache", "--use_caption", "--max_samples", "20"])
+    prepared = train.prepare_data(args, utils.DistributedContext())
+    question = prepared["train_rows"]["question"][0]
+    expected = prepared["tokenizer"](question, truncation=True, max_length=128)["input_ids"]
+    assert prepared["use_caption"] is False
+    assert prepared["train_dataset"][0]["input_ids"].tolist() == expected
+
+
 def test_long_caption_truncated_first(offline_models):
     from transformers import AutoTokenizer
 
