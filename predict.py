@@ -140,14 +140,21 @@ def predict_csv(predictor, args):
     frame = data.read_csv_file(input_csv, required=("paper_id", "question", "image"))
     original_names = {canonical: column for column, canonical in data.column_renames(
         pd.read_csv(input_csv, nrows=0).columns).items()}
-    if "answer" not in frame.columns:
-        frame["answer"] = ""
-    report = data.validate_rows(frame, data_dir)
+    if "answer" in frame.columns:
+        report = data.validate_rows(frame, data_dir)
+    else:
+        # validate_rows skips rows with an empty answer, which every row of a question-only CSV has.
+        report = data.validate_rows(frame.assign(answer="unanswered"), data_dir)
+        report.rows["answer"] = ""
     rows = data.report_problems(report, str(input_csv), strict=False)
 
     captions = list(rows["caption"]) if "caption" in rows.columns else None
     has_answers = bool((rows["answer"] != "").any())
-    labels = data.encode_labels(rows["answer"], predictor.label_map) if has_answers else [-1] * len(rows)
+    answers = rows["answer"]
+    if predictor.model_args.get("normalize_answers", False):
+        # The label map holds normalised answers, so the gold answers must be normalised to match.
+        answers = answers.map(data.normalize_answer)
+    labels = data.encode_labels(answers, predictor.label_map) if has_answers else [-1] * len(rows)
     image_cache = None if args.no_image_cache else data.ImageCache(
         args.cache_dir or Path.home() / ".cache" / "spiqa" / "images", predictor.image_settings
     )
@@ -246,6 +253,8 @@ def main(argv=None):
         utils.setup_logging(level=logging.WARNING if args.json else logging.INFO)
         device = utils.select_device(args.gpu)
         predictor = Predictor(args.checkpoint_dir, device, args.mixed_precision, args.weights)
+        if args.caption and not predictor.use_caption:
+            logger.warning("--caption is ignored: %s was trained without --use_caption", args.checkpoint_dir)
         top_k = min(args.top_k, len(predictor.label_map))
 
         if args.input_csv:

@@ -38,6 +38,12 @@ SELECTABLE_METRICS = sorted(HIGHER_IS_BETTER | {"val_loss", "train_loss"})
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train the SPIQA figure and table question classifier.")
     parser.add_argument("--data_dir", default="OverheatData", help="folder with training_data.csv and one image folder per paper")
+    parser.add_argument("--train_file", default=None, help="training questions instead of --data_dir: a SPIQA release JSON split (for example train_val/SPIQA_train.json) or a CSV in the training_data.csv format")
+    parser.add_argument("--train_images_dir", default=None, help="folder with one image folder per paper for --train_file (for example train_val/SPIQA_train_val_Images)")
+    parser.add_argument("--val_file", default=None, help="validation questions (JSON split or CSV); replaces the --val_fraction split of the training file")
+    parser.add_argument("--val_images_dir", default=None, help="image folder for --val_file (default: --train_images_dir)")
+    parser.add_argument("--image_check", choices=data.IMAGE_CHECKS, default=None, help="full: open and verify every image at start-up; exists: only check that each file exists, so a corrupt image fails when loaded (default: full with --data_dir, exists with --train_file)")
+    parser.add_argument("--use_caption", action="store_true", help="encode the question and its figure caption as a sentence pair (question first, caption truncated first); questions without a caption are encoded alone")
     parser.add_argument("--output_dir", default=None, help="run directory for weights, label map and metrics (default: runs/spiqa, or the --resume directory)")
     parser.add_argument("--vision_model", default="google/vit-base-patch16-224", help="ViT hub name or local directory")
     parser.add_argument("--text_model", default="bert-base-uncased", help="BERT hub name or local directory")
@@ -131,37 +137,116 @@ def check_args(args):
             raise UsageError(f"--{name} must be at least 1, got {value}")
     if args.dist_timeout_minutes <= 0:
         raise UsageError(f"--dist_timeout_minutes must be positive, got {args.dist_timeout_minutes}")
-    if args.val_fraction == 0 and args.select_metric.startswith("val_"):
+    if args.val_fraction == 0 and args.val_file is None and args.select_metric.startswith("val_"):
         args.select_metric = "train_loss"
+    check_data_args(args)
     if args.resume is not None and not Path(args.resume, utils.TRAINING_STATE_NAME).is_file():
         raise UsageError(f"--resume {args.resume} contains no {utils.TRAINING_STATE_NAME}; pass a run directory that train.py wrote")
+
+
+def check_data_args(args):
+    """Raise UsageError for data options that do not go together, and fill in --image_check."""
+    if args.train_file is not None and args.train_images_dir is None:
+        raise UsageError("--train_file needs --train_images_dir, the folder that contains one image folder per paper")
+    if args.train_file is None:
+        for name in ("train_images_dir", "val_file", "val_images_dir"):
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name} needs --train_file; with --data_dir the validation split comes from --val_fraction")
+    if args.val_images_dir is not None and args.val_file is None:
+        raise UsageError("--val_images_dir needs --val_file")
+    if args.image_check is None:
+        args.image_check = "full" if args.train_file is None else "exists"
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 
 
+def read_rows(args):
+    """Return (rows, validation rows or None): the validated questions of --data_dir or --train_file, and of --val_file."""
+    if args.train_file is None:
+        if args.image_check == "full":
+            return data.load_rows(args.data_dir, strict=args.strict, max_pixels=args.max_image_pixels), None
+        if not Path(args.data_dir).is_dir():
+            raise UsageError(f"--data_dir {args.data_dir} is not a folder; it must hold {data.CSV_NAME} and one folder per paper")
+        csv_path = Path(args.data_dir) / data.CSV_NAME
+        return data.load_question_file(csv_path, args.data_dir, args.strict, args.max_image_pixels, args.image_check), None
+
+    rows = data.load_question_file(args.train_file, args.train_images_dir, args.strict, args.max_image_pixels, args.image_check)
+    if args.val_file is None:
+        return rows, None
+    logger.info("validation questions come from --val_file %s; --val_fraction and --split_by are not used", args.val_file)
+    val_images_dir = args.val_images_dir or args.train_images_dir
+    val_rows = data.load_question_file(args.val_file, val_images_dir, args.strict, args.max_image_pixels, args.image_check)
+    return rows, val_rows
+
+
+def log_vocabulary(train_rows, val_rows, label_map, rare_answers):
+    """Log and return how many training and validation questions fall outside the label map."""
+    train_questions, train_answers = data.count_out_of_vocabulary(train_rows["answer"], label_map)
+    val_questions, val_answers = data.count_out_of_vocabulary(val_rows["answer"], label_map)
+    classes = len(label_map) - (data.OTHER_ANSWER in label_map)
+    if rare_answers == "other":
+        fate = f"mapped to {data.OTHER_ANSWER}"
+    else:
+        fate = "dropped"
+    logger.info(
+        "answer vocabulary: %d classes from %d distinct training answers", classes,
+        len(set(train_rows["answer"])),
+    )
+    if train_questions:
+        logger.warning(
+            "%d of %d training questions (%d distinct answers) are outside the vocabulary and are %s (--rare_answers %s)",
+            train_questions, len(train_rows), train_answers, fate, rare_answers,
+        )
+    if val_questions:
+        val_fate = fate if rare_answers == "other" else "kept and always count as wrong"
+        logger.warning(
+            "%d of %d validation questions (%d distinct answers) are outside the vocabulary and are %s",
+            val_questions, len(val_rows), val_answers, val_fate,
+        )
+    return {
+        "classes": classes,
+        "rare_answers": rare_answers,
+        "train_questions": len(train_rows),
+        "train_outside_questions": train_questions,
+        "train_outside_answers": train_answers,
+        "val_questions": len(val_rows),
+        "val_outside_questions": val_questions,
+        "val_outside_answers": val_answers,
+    }
+
+
 def prepare_data(args, context):
     """Read rows, split them, and build the label map, paper vocabulary, tokenizer and image settings."""
     from transformers import AutoTokenizer
 
-    rows = data.load_rows(args.data_dir, strict=args.strict, max_pixels=args.max_image_pixels)
+    rows, val_file_rows = read_rows(args)
     if args.max_samples is not None:
         rows = rows.iloc[: args.max_samples].reset_index(drop=True)
+        if val_file_rows is not None:
+            val_file_rows = val_file_rows.iloc[: args.max_samples].reset_index(drop=True)
     if args.normalize_answers:
         rows["answer"] = rows["answer"].map(data.normalize_answer)
+        if val_file_rows is not None:
+            val_file_rows["answer"] = val_file_rows["answer"].map(data.normalize_answer)
 
-    train_positions, val_positions = data.split_rows(rows, args.val_fraction, args.seed, split_by=args.split_by)
-    train_rows = rows.iloc[train_positions].reset_index(drop=True)
-    val_rows = rows.iloc[val_positions].reset_index(drop=True)
+    if val_file_rows is None:
+        train_positions, val_positions = data.split_rows(rows, args.val_fraction, args.seed, split_by=args.split_by)
+        train_rows = rows.iloc[train_positions].reset_index(drop=True)
+        val_rows = rows.iloc[val_positions].reset_index(drop=True)
+    else:
+        # Positions then index the training and the validation file separately.
+        train_positions, val_positions = np.arange(len(rows)), np.arange(len(val_file_rows))
+        train_rows, val_rows = rows, val_file_rows
 
     label_map = data.build_label_map(
         train_rows["answer"], min_count=args.min_answer_count, max_classes=args.max_classes, rare_answers=args.rare_answers
     )
+    vocabulary = log_vocabulary(train_rows, val_rows, label_map, args.rare_answers)
     train_labels = data.encode_labels(train_rows["answer"], label_map)
     unanswerable = sum(label < 0 for label in train_labels)
     if unanswerable:
-        logger.warning("dropped %d training questions whose answer has no class (--rare_answers drop)", unanswerable)
         keep = [label >= 0 for label in train_labels]
         train_rows = train_rows[keep].reset_index(drop=True)
     if len(train_rows) == 0 or not label_map:
@@ -175,8 +260,16 @@ def prepare_data(args, context):
         cache_dir = args.cache_dir or Path.home() / ".cache" / "spiqa" / "images"
         image_cache = data.ImageCache(cache_dir, image_settings)
 
+    has_captions = "caption" in rows.columns and (val_file_rows is None or "caption" in val_file_rows.columns)
+    if args.use_caption and not has_captions:
+        logger.warning(
+            "--use_caption: the data has no Caption column, so every question is encoded alone "
+            "and run_config.json records use_caption false"
+        )
+
     def make_dataset(frame):
-        encoded = data.tokenize_questions(tokenizer, list(frame["question"]), captions=None)
+        captions = list(frame["caption"]) if args.use_caption and "caption" in frame.columns else None
+        encoded = data.LazyQuestionEncodings(tokenizer, frame["question"], captions)
         return data.QuestionImageDataset(
             frame["image_path"],
             encoded,
@@ -199,6 +292,8 @@ def prepare_data(args, context):
         "train_dataset": make_dataset(train_rows),
         "val_dataset": make_dataset(val_rows),
         "label_map": label_map,
+        "vocabulary": vocabulary,
+        "use_caption": bool(args.use_caption and has_captions),
         "paper_vocab": paper_vocab,
         "tokenizer": tokenizer,
         "image_settings": image_settings,
@@ -446,7 +541,7 @@ def model_arguments(args, prepared, vision_encoder, text_encoder):
         "hidden_dim": 512,
         "dropout": args.dropout,
         "attn_implementation": args.attn_implementation,
-        "use_caption": False,
+        "use_caption": prepared["use_caption"],
         "normalize_answers": args.normalize_answers,
     }
 
@@ -469,6 +564,7 @@ def write_run_metadata(output_dir, args, prepared, model_args):
         "validation": [int(row) for row in prepared["rows"]["csv_row"].iloc[prepared["val_positions"]]],
     }
     utils.write_json(output_dir / "split.json", split)
+    utils.write_json(output_dir / "vocabulary.json", prepared["vocabulary"])
     config = {"model": model_args, "args": vars(args), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     utils.write_json(output_dir / utils.RUN_CONFIG_NAME, config)
 

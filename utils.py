@@ -14,6 +14,7 @@ import os
 import random
 import re
 import string
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -440,6 +441,10 @@ def main():
     args = parser.parse_args()
     setup_logging()
 
+    # Run as a script this module is __main__, so dataset.py raises the UsageError class of the
+    # separately imported utils module, which the except clause must name as well.
+    from utils import UsageError as ImportedUsageError
+
     try:
         if args.command == "make-offline-models":
             from dataset import read_questions_for_tokenizer
@@ -455,8 +460,9 @@ def main():
 
             count = convert_spiqa_json_to_csv(args.json_file, args.output_csv)
             logger.info("wrote %d questions to %s", count, args.output_csv)
-    except UsageError as error:
-        raise SystemExit(f"error: {error}") from None
+    except (UsageError, ImportedUsageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
