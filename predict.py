@@ -199,13 +199,23 @@ def predict_csv(predictor, args):
 
 
 def read_header(csv_path):
-    columns = pd.read_csv(csv_path, nrows=0).columns
+    """Return the canonical names of the columns of csv_path; raises UsageError for an unreadable file."""
+    try:
+        columns = pd.read_csv(csv_path, nrows=0, encoding="utf-8").columns
+    except FileNotFoundError:
+        raise UsageError(f"--input_csv {csv_path} not found") from None
+    except pd.errors.EmptyDataError:
+        raise UsageError(f"--input_csv {csv_path} is empty; it needs a header row paper_id,Question,Image") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--input_csv {csv_path} is not valid UTF-8 (byte {error.start}); re-save it as UTF-8") from None
     return {alias_key for alias_key, aliases in data.COLUMN_ALIASES.items() for column in columns if column.strip() in aliases}
 
 
 def read_unanswered_csv(csv_path):
     """Read a CSV without an answer column by adding an empty one."""
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
+    if len(frame) == 0:
+        raise UsageError(f"--input_csv {csv_path} has a header but no data rows")
     frame["Answer"] = ""
     return data.normalize_columns(frame, csv_path)
 

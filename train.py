@@ -136,7 +136,7 @@ def check_args(args):
             raise UsageError(f"--{name} must be at least 1, got {value}")
     if not (math.isfinite(args.dist_timeout_minutes) and args.dist_timeout_minutes > 0):
         raise UsageError(f"--dist_timeout_minutes must be a positive number, got {args.dist_timeout_minutes}")
-    # PIL refuses to open images above twice Image.MAX_IMAGE_PIXELS whatever this limit says.
+    # PIL raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS, whatever this limit is.
     pil_limit = 2 * Image.MAX_IMAGE_PIXELS
     if args.max_image_pixels > pil_limit:
         raise UsageError(f"--max_image_pixels must be between 1 and {pil_limit}, got {args.max_image_pixels}")
@@ -155,12 +155,12 @@ def check_paths(args):
     """Raise UsageError for a data folder, encoder folder, output or cache folder that cannot work."""
     data_dir = Path(args.data_dir)
     if not Path(data_dir, data.CSV_NAME).is_file():
-        raise UsageError(f"--data_dir {data_dir} holds no {data.CSV_NAME}; pass the folder with the CSV and one folder per paper")
+        raise UsageError(f"--data_dir {data_dir} has no {data.CSV_NAME}; pass the folder with the CSV and one folder per paper")
     for name in ("vision_model", "text_model"):
         # A path that does not exist is taken for a model hub name.
         path = Path(getattr(args, name))
         if path.exists() and not Path(path, "config.json").is_file():
-            raise UsageError(f"--{name} {path} holds no config.json; pass a folder written by save_pretrained or a model hub name")
+            raise UsageError(f"--{name} {path} has no config.json; pass a folder written by save_pretrained or a model hub name")
     for name in ("output_dir", "cache_dir"):
         value = getattr(args, name)
         if value is not None and Path(value).exists() and not Path(value).is_dir():
