@@ -84,7 +84,10 @@ def parse_args(argv=None):
     parser.add_argument("--log_interval", type=int, default=10, help="steps between progress bar updates of the loss")
     args = parser.parse_args(argv)
     if args.resume is not None:
-        args = merge_resumed_args(args)
+        # A second parse without defaults tells which options the command line gave.
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        args = merge_resumed_args(args, given=set(vars(parser.parse_args(argv))))
     if args.output_dir is None:
         args.output_dir = "runs/spiqa"
     check_args(args)
@@ -93,18 +96,26 @@ def parse_args(argv=None):
 
 # Options that a resumed run may change; every other option is read back from the run directory.
 RESUME_OVERRIDABLE = {"epochs", "resume", "output_dir", "num_workers", "cache_dir", "max_steps", "dist_timeout_minutes",
-                      "local_rank", "multi_gpu", "log_interval", "compile", "empty_cache_interval"}
+                      "local_rank", "multi_gpu", "log_interval", "compile", "empty_cache_interval", "gpu"}
+# Options that describe this launch only, so a resumed run never reads them back.
+LAUNCH_ONLY = {"resume", "output_dir", "local_rank"}
 
 
-def merge_resumed_args(args):
-    """Return args with the resumed run's saved options, keeping those in RESUME_OVERRIDABLE."""
+def merge_resumed_args(args, given=None):
+    """Return args with the resumed run's saved options.
+
+    An option in RESUME_OVERRIDABLE keeps its command-line value when it is in given (all of them
+    when given is None); the others, and those left out, take the saved value.
+    """
     config_path = Path(args.resume, utils.RUN_CONFIG_NAME)
     if not config_path.is_file():
         raise UsageError(f"--resume {args.resume} holds no {utils.RUN_CONFIG_NAME}; pass a run directory that train.py wrote")
     saved = utils.read_json(config_path)["args"]
     merged = vars(args).copy()
     for name, value in saved.items():
-        if name in merged and name not in RESUME_OVERRIDABLE:
+        if name not in merged or name in LAUNCH_ONLY:
+            continue
+        if name not in RESUME_OVERRIDABLE or (given is not None and name not in given):
             merged[name] = value
     if merged["output_dir"] is None:
         merged["output_dir"] = args.resume

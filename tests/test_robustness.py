@@ -1,7 +1,7 @@
 """Bad data, bad options, killed runs and untrusted files.
 
-train.py and predict.py run as subprocesses, as users run them: each bad input must stop with one
-"error: ..." line and exit code 2 (3 for a non-finite loss), never a traceback, and a killed run
+train.py and predict.py run as subprocesses, as users run them. Each bad input must stop with one
+"error: ..." line and exit code 2 (3 for a non-finite loss), never with a traceback. A killed run
 must resume to the weights of an uninterrupted one.
 """
 
@@ -348,6 +348,16 @@ def test_resume_after_kill(tmp_path, offline_models, image_cache_dir, reference_
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_resume_reads_saved_options(reference_run):
+    import train
+
+    args = train.parse_args(["--resume", str(reference_run), "--num_workers", "1"])
+    assert args.epochs == 2
+    assert args.batch_size == 4
+    assert args.num_workers == 1
+    assert args.output_dir == str(reference_run)
+
+
 def test_kill_in_state_write(tmp_path, offline_models, image_cache_dir, reference_run):
     run_dir = tmp_path / "run"
     launcher = [sys.executable, str(write_launcher(tmp_path, KILL_IN_STATE_WRITE))]
@@ -355,7 +365,7 @@ def test_kill_in_state_write(tmp_path, offline_models, image_cache_dir, referenc
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert read_state(run_dir)["epoch"] == 1
 
-    # last.safetensors already holds epoch 2, so resuming must fall back to previous.safetensors.
+    # last.safetensors already contains epoch 2, so resuming must fall back to previous.safetensors.
     resume(offline_models, image_cache_dir, run_dir)
     assert_same_weights(run_dir, reference_run)
 
