@@ -84,10 +84,10 @@ def parse_args(argv=None):
     parser.add_argument("--log_interval", type=int, default=10, help="steps between progress bar updates of the loss")
     args = parser.parse_args(argv)
     if args.resume is not None:
-        # A second parse without defaults tells which options the command line gave.
+        # A second parse without defaults returns only the options set on the command line.
         for action in parser._actions:
             action.default = argparse.SUPPRESS
-        args = merge_resumed_args(args, given=set(vars(parser.parse_args(argv))))
+        args = merge_resumed_args(args, command_line_options=set(vars(parser.parse_args(argv))))
     if args.output_dir is None:
         args.output_dir = "runs/spiqa"
     check_args(args)
@@ -101,11 +101,11 @@ RESUME_OVERRIDABLE = {"epochs", "resume", "output_dir", "num_workers", "cache_di
 LAUNCH_ONLY = {"resume", "output_dir", "local_rank"}
 
 
-def merge_resumed_args(args, given=None):
+def merge_resumed_args(args, command_line_options=None):
     """Return args with the resumed run's saved options.
 
-    An option in RESUME_OVERRIDABLE keeps its command-line value when it is in given (all of them
-    when given is None); the others, and those left out, take the saved value.
+    An option in RESUME_OVERRIDABLE keeps its command-line value when it is in command_line_options
+    (all of them when that is None). The others, and those left out, take the saved value.
     """
     config_path = Path(args.resume, utils.RUN_CONFIG_NAME)
     if not config_path.is_file():
@@ -115,7 +115,7 @@ def merge_resumed_args(args, given=None):
     for name, value in saved.items():
         if name not in merged or name in LAUNCH_ONLY:
             continue
-        if name not in RESUME_OVERRIDABLE or (given is not None and name not in given):
+        if name not in RESUME_OVERRIDABLE or (command_line_options is not None and name not in command_line_options):
             merged[name] = value
     if merged["output_dir"] is None:
         merged["output_dir"] = args.resume
@@ -192,7 +192,7 @@ def prepare_data(args, context):
     except (OSError, ValueError) as error:
         summary = str(error).splitlines()[0]
         raise UsageError(
-            f"cannot load --text_model {args.text_model} or --vision_model {args.vision_model} ({summary}); "
+            f"failed to load --text_model {args.text_model} or --vision_model {args.vision_model} ({summary}); "
             "pass folders written by save_pretrained or model hub names that are reachable"
         ) from None
 
