@@ -87,6 +87,8 @@ def paper_file(name):
         "truncated.jpg": write_truncated_jpeg,
         "bomb.png": write_bomb_png,
         "large.png": lambda path: Image.new("RGB", (64, 64)).save(path),
+        # 95 million pixels: above PIL's warning threshold of about 89.5 million, below its error threshold.
+        "warning_size.png": lambda path: Image.new("1", (10000, 9500)).save(path),
     }
     return lambda data_dir: writers[name](data_dir / PAPERS[0] / name)
 
@@ -117,6 +119,8 @@ ROW_CASES = [
      "image too large", "bomb.png"),
     ("above_pixel_limit", [PAPERS[0], "Why?", "yes", "large.png"], paper_file("large.png"),
      ("--max_image_pixels", "1000"), "image too large", "64x64 pixels exceeds the limit of 1000"),
+    ("above_pil_warning_size", [PAPERS[0], "Why?", "yes", "warning_size.png"], paper_file("warning_size.png"),
+     ("--max_image_pixels", "90000000"), "image too large", "10000x9500 pixels exceeds the limit of 90000000"),
 ]
 
 
@@ -137,6 +141,7 @@ def test_bad_row_strict(tmp_path, offline_models, image_cache_dir, bad_row, setu
     assert f"row {BAD_ROW}: {kind}" in result.stderr
     assert detail in result.stderr
     assert "Traceback" not in result.stderr
+    assert "DecompressionBombWarning" not in result.stderr
     assert not (tmp_path / "run" / "training_state.pt").exists()
 
 
