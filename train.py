@@ -527,6 +527,9 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, is_b
     Each file is written to a temporary name and renamed, and the weights they replace stay as
     previous.safetensors until training_state.pt names the new epoch. A kill at any moment thus
     leaves a training state whose weights are on disk (see resume_weights_path).
+
+    NOTE: a kill during a write leaves its temporary file (a name starting with a dot and ending in
+    .tmp) in output_dir; nothing reads it, and it may be deleted.
     """
     last_path = output_dir / LAST_WEIGHTS_NAME
     if last_path.is_file():
