@@ -153,6 +153,7 @@ def check_image_file(path, max_pixels):
             image_format = image.format
             image.verify()
         # verify() checks PNG chunk checksums but reads no JPEG data, so other formats are decoded in full.
+        # NOTE: a PNG with valid checksums but less image data than its size needs passes this check.
         if image_format != "PNG":
             with Image.open(path) as image:
                 image.load()

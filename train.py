@@ -528,8 +528,8 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, is_b
     previous.safetensors until training_state.pt names the new epoch. A kill at any moment thus
     leaves a training state whose weights are on disk (see resume_weights_path).
 
-    NOTE: a kill during a write leaves its temporary file (a name starting with a dot and ending in
-    .tmp) in output_dir; nothing reads it, and it may be deleted.
+    NOTE: a kill during a write leaves its temporary file in output_dir, named with a leading dot
+    and a .tmp suffix. Nothing reads it, so it may be deleted.
     """
     last_path = output_dir / LAST_WEIGHTS_NAME
     if last_path.is_file():
