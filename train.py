@@ -164,9 +164,9 @@ def check_args(args):
 
 def check_paths(args):
     """Raise UsageError for a data folder, encoder folder, output or cache folder that cannot work."""
-    data_dir = Path(args.data_dir)
-    if not Path(data_dir, data.CSV_NAME).is_file():
-        raise UsageError(f"--data_dir {data_dir} has no {data.CSV_NAME}; pass the folder with the CSV and one folder per paper")
+    # A folder without the CSV is reported by dataset.read_csv_file, which names the file.
+    if not Path(args.data_dir).is_dir():
+        raise UsageError(f"--data_dir {args.data_dir} is not a folder; pass the folder with {data.CSV_NAME} and one folder per paper")
     for name in ("vision_model", "text_model"):
         # A path that does not exist is taken for a model hub name.
         path = Path(getattr(args, name))
