@@ -633,6 +633,11 @@ def train(args):
     output_dir = Path(args.output_dir)
     if context.is_main_process:
         logger.info("device %s, %d process(es)", context.device, context.world_size)
+    if context.is_main_process and args.resume is None and (output_dir / utils.TRAINING_STATE_NAME).is_file():
+        logger.warning(
+            "%s already contains a run; this run replaces its checkpoints. Stop and pass --resume %s to continue it",
+            output_dir, output_dir,
+        )
 
     if context.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

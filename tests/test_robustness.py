@@ -420,6 +420,12 @@ def test_pickled_state_refused(tmp_path, offline_models, image_cache_dir, refere
     assert not marker.exists()
 
 
+def test_new_run_over_old_warns(tmp_path, offline_models, image_cache_dir, reference_run):
+    run_dir = copy_run(reference_run, tmp_path)
+    result = run_script(train_command(offline_models, run_dir, image_cache_dir, *TINY_RUN, "--epochs", "1"))
+    assert f"pass --resume {run_dir} to continue it" in result.stderr
+
+
 def test_resume_without_matching_weights(tmp_path, offline_models, image_cache_dir, reference_run):
     run_dir = copy_run(reference_run, tmp_path)
     state = read_state(run_dir)
