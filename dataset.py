@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import string
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ MAX_QUESTION_TOKENS = 128
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 PAPER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+# check_image_file enforces --max_image_pixels from the image header before decoding, so PIL's own
+# warning for images above Image.MAX_IMAGE_PIXELS would only repeat it once per image.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -148,7 +153,13 @@ def check_image_file(path, max_pixels):
             width, height = image.size
             if width * height > max_pixels:
                 return "image too large", f"{width}x{height} pixels exceeds the limit of {max_pixels} (--max_image_pixels)"
+            image_format = image.format
             image.verify()
+        # verify() checks PNG chunk checksums but reads no JPEG data, so other formats are decoded in full.
+        # NOTE: a PNG with valid checksums but less image data than its size needs passes this check.
+        if image_format != "PNG":
+            with Image.open(path) as image:
+                image.load()
     except Image.DecompressionBombError as error:
         return "image too large", str(error)
     except Image.UnidentifiedImageError:
@@ -279,7 +290,10 @@ def load_rows(data_dir, strict=False, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, csv_p
         csv_path = data_dir / CSV_NAME
     frame = read_csv_file(csv_path)
     report = validate_rows(frame, data_dir, max_pixels=max_pixels)
-    return report_problems(report, str(csv_path), strict)
+    rows = report_problems(report, str(csv_path), strict)
+    if len(rows) == 0:
+        raise UsageError(f"{csv_path} has no valid rows: all {len(frame)} were skipped; fix the rows listed above")
+    return rows
 
 
 def read_questions_for_tokenizer(data_dir):
@@ -447,7 +461,7 @@ def to_rgb(image):
             array = array / 65535.0 * 255.0
         elif image.mode == "F" and array.max(initial=0) <= 1.0:
             array = array * 255.0
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
 
     if image.mode == "P" or image.mode == "PA":
         image = image.convert("RGBA")

@@ -25,6 +25,10 @@ from utils import UsageError
 logger = logging.getLogger("spiqa")
 
 
+# Model settings in run_config.json that build_model and Predictor read.
+MODEL_KEYS = ("vision_model", "text_model", "vision_config", "text_config", "num_classes", "num_papers", "image_settings")
+
+
 class Predictor:
     """A trained classifier loaded once, with its tokenizer, image settings, label map and papers."""
 
@@ -34,7 +38,7 @@ class Predictor:
         self.checkpoint_dir = Path(checkpoint_dir)
         if not self.checkpoint_dir.is_dir():
             raise UsageError(f"--checkpoint_dir {checkpoint_dir} is not a folder; pass the --output_dir of a train.py run")
-        missing = [name for name in utils.RUN_FILES if not (self.checkpoint_dir / name).exists()]
+        missing = [name for name in (*utils.RUN_FILES, utils.TOKENIZER_DIR) if not (self.checkpoint_dir / name).exists()]
         if weights == "last":
             missing = [name for name in missing if name != utils.WEIGHTS_NAME]
         if missing:
@@ -43,15 +47,29 @@ class Predictor:
             )
 
         config = utils.read_json(self.checkpoint_dir / utils.RUN_CONFIG_NAME)
-        if "model" not in config or "num_classes" not in config.get("model", {}):
+        model_args = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(model_args, dict):
             raise UsageError(f"{self.checkpoint_dir / utils.RUN_CONFIG_NAME} has no model section; it was written by another program")
-        self.model_args = config["model"]
+        missing_keys = [key for key in MODEL_KEYS if key not in model_args]
+        if missing_keys:
+            raise UsageError(
+                f"{self.checkpoint_dir / utils.RUN_CONFIG_NAME} lacks model settings {', '.join(missing_keys)}; "
+                "the run was written by an older train.py, so train it again"
+            )
+        self.model_args = model_args
         self.label_map = utils.read_json(self.checkpoint_dir / utils.LABEL_MAP_NAME)
         self.paper_vocab = utils.read_json(self.checkpoint_dir / utils.PAPER_VOCAB_NAME)
         if len(self.label_map) != self.model_args["num_classes"]:
             raise UsageError(
                 f"{utils.LABEL_MAP_NAME} has {len(self.label_map)} answers but the model was built for "
                 f"{self.model_args['num_classes']}; the run directory mixes files from different runs"
+            )
+        if len(self.paper_vocab) != self.model_args["num_papers"] or any(
+            not isinstance(index, int) or not 0 <= index < len(self.paper_vocab) for index in self.paper_vocab.values()
+        ):
+            raise UsageError(
+                f"{utils.PAPER_VOCAB_NAME} has {len(self.paper_vocab)} papers but the model was built for "
+                f"{self.model_args['num_papers']}; the run directory mixes files from different runs"
             )
         self.index_to_answer = {index: answer for answer, index in self.label_map.items()}
 
@@ -252,6 +270,8 @@ def main(argv=None):
         args = parse_args(argv)
         utils.setup_logging(level=logging.WARNING if args.json else logging.INFO)
         device = utils.select_device(args.gpu)
+        if not args.input_csv and not args.interactive:
+            check_question_inputs(args.paper_id, args.image, args.question)
         predictor = Predictor(args.checkpoint_dir, device, args.mixed_precision, args.weights)
         if args.caption and not predictor.use_caption:
             logger.warning("--caption is ignored: %s was trained without --use_caption", args.checkpoint_dir)

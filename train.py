@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -33,6 +34,8 @@ logger = logging.getLogger("spiqa")
 # Validation measures that improve upwards; every other selectable measure improves downwards.
 HIGHER_IS_BETTER = {"val_accuracy", "val_top5_accuracy", "val_rouge_l", "val_bleu", "val_exact_match"}
 SELECTABLE_METRICS = sorted(HIGHER_IS_BETTER | {"val_loss", "train_loss"})
+LAST_WEIGHTS_NAME = "last.safetensors"
+PREVIOUS_WEIGHTS_NAME = "previous.safetensors"
 
 
 def parse_args(argv=None):
@@ -67,6 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", default=None, help="folder for preprocessed images (default: ~/.cache/spiqa/images)")
     parser.add_argument("--no_image_cache", action="store_true", help="decode every image from its file at every step")
     parser.add_argument("--empty_cache_interval", type=int, default=100, help="call torch.cuda.empty_cache() every this many steps; 0 never")
+    parser.add_argument("--gpu", type=int, default=None, help="CUDA device index of a single-process run (default: GPU 0 if present, else the CPU)")
     parser.add_argument("--multi_gpu", action="store_true", help="use DistributedDataParallel across the processes torchrun starts")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
     parser.add_argument("--dist_timeout_minutes", type=float, default=30.0, help="a collective that waits longer fails, so ranks exit when one dies")
@@ -86,7 +90,10 @@ def parse_args(argv=None):
     parser.add_argument("--log_interval", type=int, default=10, help="steps between progress bar updates of the loss")
     args = parser.parse_args(argv)
     if args.resume is not None:
-        args = merge_resumed_args(args)
+        # A second parse without defaults returns only the options set on the command line.
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        args = merge_resumed_args(args, command_line_options=set(vars(parser.parse_args(argv))))
     if args.output_dir is None:
         args.output_dir = "runs/spiqa"
     check_args(args)
@@ -95,18 +102,26 @@ def parse_args(argv=None):
 
 # Options that a resumed run may change; every other option is read back from the run directory.
 RESUME_OVERRIDABLE = {"epochs", "resume", "output_dir", "num_workers", "cache_dir", "max_steps", "dist_timeout_minutes",
-                      "local_rank", "multi_gpu", "log_interval", "compile", "empty_cache_interval"}
+                      "local_rank", "multi_gpu", "log_interval", "compile", "empty_cache_interval", "gpu"}
+# Options that describe this launch only, so a resumed run never reads them back.
+LAUNCH_ONLY = {"resume", "output_dir", "local_rank"}
 
 
-def merge_resumed_args(args):
-    """Return args with the resumed run's saved options, keeping those in RESUME_OVERRIDABLE."""
+def merge_resumed_args(args, command_line_options=None):
+    """Return args with the resumed run's saved options.
+
+    An option in RESUME_OVERRIDABLE keeps its command-line value when it is in command_line_options
+    (all of them when that is None). The others, and those left out, take the saved value.
+    """
     config_path = Path(args.resume, utils.RUN_CONFIG_NAME)
     if not config_path.is_file():
         raise UsageError(f"--resume {args.resume} contains no {utils.RUN_CONFIG_NAME}; pass a run directory that train.py wrote")
     saved = utils.read_json(config_path)["args"]
     merged = vars(args).copy()
     for name, value in saved.items():
-        if name in merged and name not in RESUME_OVERRIDABLE:
+        if name not in merged or name in LAUNCH_ONLY:
+            continue
+        if name not in RESUME_OVERRIDABLE or (command_line_options is not None and name not in command_line_options):
             merged[name] = value
     if merged["output_dir"] is None:
         merged["output_dir"] = args.resume
@@ -128,18 +143,28 @@ def check_args(args):
             raise UsageError(f"--{name} must be in [{low}, {high}), got {value}")
     non_negative = ("num_workers", "weight_decay", "max_grad_norm", "empty_cache_interval")
     for name in non_negative:
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name} must be a number of 0 or more, got {value}")
     optional_positive = ("max_samples", "max_steps", "max_classes", "min_answer_count", "max_image_pixels")
     for name in optional_positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
-    if args.dist_timeout_minutes <= 0:
-        raise UsageError(f"--dist_timeout_minutes must be positive, got {args.dist_timeout_minutes}")
+    if not (math.isfinite(args.dist_timeout_minutes) and args.dist_timeout_minutes > 0):
+        raise UsageError(f"--dist_timeout_minutes must be a positive number, got {args.dist_timeout_minutes}")
+    # PIL raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS, whatever this limit is.
+    pil_limit = 2 * Image.MAX_IMAGE_PIXELS
+    if args.max_image_pixels > pil_limit:
+        raise UsageError(f"--max_image_pixels must be between 1 and {pil_limit}, got {args.max_image_pixels}")
+    if args.gpu is not None:
+        if args.multi_gpu:
+            raise UsageError("--gpu selects the device of a single-process run; leave it out with --multi_gpu")
+        utils.select_device(args.gpu)
+    check_data_args(args)
+    check_paths(args)
     if args.val_fraction == 0 and args.val_file is None and args.select_metric.startswith("val_"):
         args.select_metric = "train_loss"
-    check_data_args(args)
     if args.resume is not None and not Path(args.resume, utils.TRAINING_STATE_NAME).is_file():
         raise UsageError(f"--resume {args.resume} contains no {utils.TRAINING_STATE_NAME}; pass a run directory that train.py wrote")
 
@@ -156,6 +181,30 @@ def check_data_args(args):
         raise UsageError("--val_images_dir needs --val_file")
     if args.image_check is None:
         args.image_check = "full" if args.train_file is None else "exists"
+
+
+def check_paths(args):
+    """Raise UsageError for a data folder, encoder folder, output or cache folder that cannot work."""
+    # A folder without the CSV is reported by dataset.read_csv_file, which names the file.
+    if args.train_file is None and not Path(args.data_dir).is_dir():
+        raise UsageError(f"--data_dir {args.data_dir} is not a folder; pass the folder with {data.CSV_NAME} and one folder per paper")
+    for name in ("train_file", "val_file"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_file():
+            raise UsageError(f"--{name} {value} not found; pass a SPIQA split such as train_val/SPIQA_train.json or a CSV")
+    for name in ("train_images_dir", "val_images_dir"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_dir():
+            raise UsageError(f"--{name} {value} is not a folder; pass the folder with one image folder per paper")
+    for name in ("vision_model", "text_model"):
+        # A path that does not exist is taken for a model hub name.
+        path = Path(getattr(args, name))
+        if path.exists() and not Path(path, "config.json").is_file():
+            raise UsageError(f"--{name} {path} has no config.json; pass a folder written by save_pretrained or a model hub name")
+    for name in ("output_dir", "cache_dir"):
+        value = getattr(args, name)
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise UsageError(f"--{name} {value} is a file; pass a folder path")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +270,16 @@ def prepare_data(args, context):
     """Read rows, split them, and build the label map, paper vocabulary, tokenizer and image settings."""
     from transformers import AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.text_model)
+        image_settings = data.ImageSettings.from_pretrained(args.vision_model)
+    except (OSError, ValueError) as error:
+        summary = str(error).splitlines()[0]
+        raise UsageError(
+            f"failed to load --text_model {args.text_model} or --vision_model {args.vision_model} ({summary}); "
+            "pass folders written by save_pretrained or model hub names that are reachable"
+        ) from None
+
     rows, val_file_rows = read_rows(args)
     if args.max_samples is not None:
         rows = rows.iloc[: args.max_samples].reset_index(drop=True)
@@ -253,8 +312,6 @@ def prepare_data(args, context):
         raise UsageError("no training questions are left; lower --min_answer_count or --val_fraction")
     paper_vocab = data.build_paper_vocab(train_rows["paper_id"])
 
-    tokenizer = AutoTokenizer.from_pretrained(args.text_model)
-    image_settings = data.ImageSettings.from_pretrained(args.vision_model)
     image_cache = None
     if not args.no_image_cache:
         cache_dir = args.cache_dir or Path.home() / ".cache" / "spiqa" / "images"
@@ -285,6 +342,7 @@ def prepare_data(args, context):
     )
     return {
         "rows": rows,
+        "val_source_rows": rows if val_file_rows is None else val_file_rows,
         "train_positions": train_positions,
         "val_positions": val_positions,
         "train_rows": train_rows,
@@ -559,9 +617,10 @@ def write_run_metadata(output_dir, args, prepared, model_args):
         "seed": args.seed,
         "val_fraction": args.val_fraction,
         "split_by": args.split_by,
-        "row_numbering": "data rows of the CSV, from 1, in file order",
+        "row_numbering": "CSV data rows or JSON questions of the data file, from 1, in file order"
+        + ("" if args.val_file is None else "; validation rows number those of --val_file"),
         "train": [int(row) for row in prepared["rows"]["csv_row"].iloc[prepared["train_positions"]]],
-        "validation": [int(row) for row in prepared["rows"]["csv_row"].iloc[prepared["val_positions"]]],
+        "validation": [int(row) for row in prepared["val_source_rows"]["csv_row"].iloc[prepared["val_positions"]]],
     }
     utils.write_json(output_dir / "split.json", split)
     utils.write_json(output_dir / "vocabulary.json", prepared["vocabulary"])
@@ -569,12 +628,25 @@ def write_run_metadata(output_dir, args, prepared, model_args):
     utils.write_json(output_dir / utils.RUN_CONFIG_NAME, config)
 
 
-def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, is_best):
-    """Write last.safetensors and training_state.pt, and copy to model.safetensors when best.
+def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, is_best, history):
+    """Write last.safetensors, model.safetensors when best, and then training_state.pt.
 
-    Every file is written to a temporary name and renamed, so a kill leaves the previous set.
+    Each file is written to a temporary name and renamed, and the weights they replace stay as
+    previous.safetensors until training_state.pt names the new epoch. A kill at any moment thus
+    leaves a training state whose weights are on disk (see resume_weights_path).
+
+    NOTE: a kill during a write leaves its temporary file in output_dir, named with a leading dot
+    and a .tmp suffix. Nothing reads it, so it may be deleted.
     """
-    utils.save_weights(unwrap(model), output_dir / "last.safetensors")
+    last_path = output_dir / LAST_WEIGHTS_NAME
+    if last_path.is_file():
+        keep_previous_weights(last_path, output_dir / PREVIOUS_WEIGHTS_NAME)
+    progress = {"epoch": str(state["epoch"]), "step": str(state["step"])}
+    utils.save_weights(unwrap(model), last_path, metadata=progress)
+    if is_best:
+        with utils.atomic_path(output_dir / utils.WEIGHTS_NAME) as temporary:
+            shutil.copyfile(last_path, temporary)
+
     training_state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -584,11 +656,67 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, is_b
         "best_value": state["best_value"],
         "best_epoch": state["best_epoch"],
         "rng": utils.capture_rng_states(),
+        "history": history,
     }
     utils.save_training_state(training_state, output_dir / utils.TRAINING_STATE_NAME)
-    if is_best:
-        with utils.atomic_path(output_dir / utils.WEIGHTS_NAME) as temporary:
-            shutil.copyfile(output_dir / "last.safetensors", temporary)
+
+
+def keep_previous_weights(last_path, previous_path):
+    """Hard-link (or copy, where links fail) last_path to previous_path, atomically."""
+    with utils.atomic_path(previous_path) as temporary:
+        temporary.unlink()
+        try:
+            os.link(last_path, temporary)
+        except OSError:
+            shutil.copyfile(last_path, temporary)
+
+
+def resume_weights_path(resume_dir, saved):
+    """Return the weights file written at the epoch and step that the training state saved.
+
+    Raises UsageError when neither last.safetensors nor previous.safetensors matches.
+    """
+    expected = {"epoch": str(saved["epoch"]), "step": str(saved["step"])}
+    found = []
+    for name in (LAST_WEIGHTS_NAME, PREVIOUS_WEIGHTS_NAME):
+        path = resume_dir / name
+        if not path.is_file():
+            continue
+        progress = utils.read_weights_metadata(path)
+        if progress.get("epoch") is None:
+            # Runs written before weights carried their epoch have only last.safetensors.
+            return path
+        if {key: progress.get(key) for key in expected} == expected:
+            return path
+        found.append(f"{name} at epoch {progress.get('epoch')}")
+    raise UsageError(
+        f"{resume_dir} has no weights for epoch {saved['epoch']} (step {saved['step']}) of "
+        f"{utils.TRAINING_STATE_NAME}; found: {', '.join(found) or 'none'}. The run directory is damaged"
+    )
+
+
+def restore_checkpoint(resume_dir, model, optimizer, scheduler, scaler, context):
+    """Load weights, optimizer, scheduler, scaler and random states of a run; returns its training state.
+
+    Raises UsageError when the training state lacks a part or the weights do not fit the model.
+    """
+    saved = utils.load_training_state(resume_dir / utils.TRAINING_STATE_NAME)
+    required = ("optimizer", "scheduler", "scaler", "epoch", "step", "best_value", "best_epoch", "rng")
+    missing = [key for key in required if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise UsageError(f"{resume_dir / utils.TRAINING_STATE_NAME} lacks {', '.join(missing)}; it was not written by train.py")
+
+    weights_path = resume_weights_path(resume_dir, saved)
+    try:
+        model.load_state_dict(utils.load_weights(weights_path, context.device))
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError) as error:
+        summary = str(error).splitlines()[0]
+        raise UsageError(f"{weights_path} does not fit the model of {utils.RUN_CONFIG_NAME} ({summary})") from None
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    utils.restore_rng_states(saved["rng"])
+    return saved
 
 
 def is_improvement(value, best, metric):
@@ -607,11 +735,16 @@ def format_figure(value, digits=4):
 
 
 def train(args):
-    context = utils.init_distributed(args.multi_gpu, args.local_rank, args.dist_timeout_minutes)
+    context = utils.init_distributed(args.multi_gpu, args.local_rank, args.dist_timeout_minutes, gpu=args.gpu)
     utils.setup_logging(context.is_main_process)
     output_dir = Path(args.output_dir)
     if context.is_main_process:
         logger.info("device %s, %d process(es)", context.device, context.world_size)
+    if context.is_main_process and args.resume is None and (output_dir / utils.TRAINING_STATE_NAME).is_file():
+        logger.warning(
+            "%s already contains a run; this run replaces its checkpoints. Stop and pass --resume %s to continue it",
+            output_dir, output_dir,
+        )
 
     if context.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -671,13 +804,8 @@ def train(args):
     state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None}
     if args.resume is not None:
         resume_dir = Path(args.resume)
-        model.load_state_dict(utils.load_weights(resume_dir / "last.safetensors", context.device))
-        saved = utils.load_training_state(resume_dir / utils.TRAINING_STATE_NAME)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        saved = restore_checkpoint(resume_dir, model, optimizer, scheduler, scaler, context)
         state.update({key: saved[key] for key in ("epoch", "step", "best_value", "best_epoch")})
-        utils.restore_rng_states(saved["rng"])
         if context.is_main_process:
             logger.info("resumed from %s after epoch %d (step %d)", resume_dir, state["epoch"], state["step"])
 
@@ -691,7 +819,9 @@ def train(args):
     baselines = baseline_metrics(prepared["train_rows"], prepared["val_rows"], prepared["label_map"]) if len(prepared["val_rows"]) else {}
     index_to_answer = {index: answer for answer, index in prepared["label_map"].items()}
     val_labels = prepared["val_dataset"].labels
-    history = read_history(Path(args.resume)) if args.resume is not None and context.is_main_process else []
+    history = []
+    if args.resume is not None and context.is_main_process:
+        history = saved.get("history") or read_history(Path(args.resume))
     history = [row for row in history if row["epoch"] <= state["epoch"]]
 
     started = time.perf_counter()
@@ -715,7 +845,7 @@ def train(args):
 
         if context.is_main_process:
             history.append(metrics)
-            save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, is_best)
+            save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, is_best, history)
             write_history(output_dir, history)
             utils.plot_training_curves(history, baselines, output_dir / "training_curves.png")
             logger.info(

@@ -90,7 +90,7 @@ def select_device(gpu=None):
     return torch.device("cuda", index)
 
 
-def init_distributed(multi_gpu, local_rank_argument=-1, timeout_minutes=30):
+def init_distributed(multi_gpu, local_rank_argument=-1, timeout_minutes=30, gpu=None):
     """Join the process group that torchrun or torch.distributed.launch set up, if any.
 
     Both launchers set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; the deprecated launcher passes
@@ -104,7 +104,7 @@ def init_distributed(multi_gpu, local_rank_argument=-1, timeout_minutes=30):
                 f"launched as {world_size} processes but --multi_gpu was not given; "
                 "add --multi_gpu or launch a single process"
             )
-        return DistributedContext(device=select_device())
+        return DistributedContext(device=select_device(gpu))
 
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_argument))
@@ -210,8 +210,8 @@ def read_json(path):
         raise UsageError(f"{path} is not valid JSON ({error}); the run directory is damaged") from None
 
 
-def save_weights(model, path):
-    """Write the unwrapped model's state dict as safetensors, atomically.
+def save_weights(model, path, metadata=None):
+    """Write the unwrapped model's state dict as safetensors, atomically, with string metadata.
 
     Tied or shared tensors are cloned so that safetensors accepts them.
     """
@@ -219,7 +219,18 @@ def save_weights(model, path):
 
     state_dict = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
     with atomic_path(path) as temporary:
-        save_file(state_dict, str(temporary), metadata={"format": "pt"})
+        save_file(state_dict, str(temporary), metadata={"format": "pt", **(metadata or {})})
+
+
+def read_weights_metadata(path):
+    """Return the string metadata of a safetensors file without reading its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except SafetensorError as error:
+        raise UsageError(f"{path} is not a readable safetensors file ({error})") from None
 
 
 def load_weights(path, device="cpu"):

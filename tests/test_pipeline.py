@@ -101,8 +101,11 @@ def test_two_processes_match_one_after_a_step(offline_models, image_cache_dir, t
     one = load_file(str(tmp_path / "one" / "last.safetensors"))
     two = load_file(str(tmp_path / "two" / "last.safetensors"))
     initial_head = None
+    # AdamW's first update moves each weight by about the learning rate (1e-3) times the sign of its
+    # gradient, so a gradient that differs only by float rounding near zero can move a weight by a
+    # fraction of 1e-3. A wrong shard or unsynchronised gradients move many weights by the full 1e-3.
     for name, tensor in one.items():
-        assert (tensor - two[name]).abs().max().item() < 1e-5, name
+        assert (tensor - two[name]).abs().max().item() < 2e-4, name
         if name == "head.layers.6.weight":
             initial_head = tensor
 
