@@ -216,7 +216,7 @@ def case_training(args, options):
     if args.warmup_steps:
         train_args.max_steps = args.warmup_steps
         train.train_one_epoch(model, loader, optimizer, scheduler, scaler, train_args, context, 0, state)
-    # train_one_epoch restarts the loader on each call, so the timed steps see the first batches again.
+    # train_one_epoch restarts the loader on each call, so the timed steps reshuffle the same rows.
     train_args.max_steps = args.warmup_steps + args.train_steps
     started = time.perf_counter()
     train.train_one_epoch(model, loader, optimizer, scheduler, scaler, train_args, context, 1, state)
