@@ -57,6 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--head_epochs", type=int, default=None, help="timed head-only epochs over the encoded questions (default: 5, 3 with --quick)")
     parser.add_argument("--predict_rows", type=int, default=None, help="questions answered by one batched predict.py process (default: 64, 16 with --quick)")
     parser.add_argument("--single_predictions", type=int, default=None, help="questions answered by one predict.py process each (default: 4, 2 with --quick)")
+    parser.add_argument("--sections", default="abcd", help="sections to measure: a data loading, b training step, c epoch (needs b), d prediction")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads of every measured process")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case_options", default="{}", help=argparse.SUPPRESS)
@@ -77,6 +78,10 @@ def parse_args(argv=None):
     for name in ("batch_size", "train_steps", "feature_rows", "head_epochs", "predict_rows", "single_predictions", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.sections or set(args.sections) - set("abcd"):
+        parser.error(f"--sections must be letters from abcd, got {args.sections!r}")
+    if "c" in args.sections and "b" not in args.sections:
+        parser.error("--sections c compares against the training step of section b; add b")
     if args.warmup_steps < 0:
         parser.error(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
     return args
@@ -203,6 +208,10 @@ def case_training(args, options):
     cache_dir = options["cache_dir"] if variant["image_cache"] else None
     count = args.batch_size * (args.warmup_steps + args.train_steps)
     dataset = make_dataset(inputs, min(count, len(inputs["rows"])), cache_dir)
+    if cache_dir is not None:
+        # Fill the image cache untimed, so that the cached variants read warm images even without section a.
+        for index in range(len(dataset)):
+            dataset.load_image(index)
     loader = DataLoader(
         dataset, batch_size=args.batch_size, shuffle=True, num_workers=0, drop_last=True,
         collate_fn=data.BatchCollator(inputs["pad_token_id"], pad_to=variant["pad_to"]),
@@ -475,15 +484,20 @@ def main(argv=None):
         started = time.perf_counter()
         data.load_rows(args.data_dir)
         models = write_models(work_dir, Path(args.data_dir), args.tiny)
-        logger.info("measuring data loading")
-        rows = measure_data_loading(args, models, work_dir, log_path)
-        logger.info("measuring training steps (%s encoders)", "tiny" if args.tiny else "full-size")
-        training_rows, training = measure_training(args, models, work_dir, log_path)
-        rows += training_rows
-        logger.info("measuring frozen-encoder epochs")
-        rows += measure_frozen(args, models, work_dir, log_path, training)
-        logger.info("measuring prediction")
-        rows += measure_prediction(args, models, work_dir, log_path)
+        rows = []
+        if "a" in args.sections:
+            logger.info("measuring data loading")
+            rows += measure_data_loading(args, models, work_dir, log_path)
+        if "b" in args.sections:
+            logger.info("measuring training steps (%s encoders)", "tiny" if args.tiny else "full-size")
+            training_rows, training = measure_training(args, models, work_dir, log_path)
+            rows += training_rows
+        if "c" in args.sections:
+            logger.info("measuring frozen-encoder epochs")
+            rows += measure_frozen(args, models, work_dir, log_path, training)
+        if "d" in args.sections:
+            logger.info("measuring prediction")
+            rows += measure_prediction(args, models, work_dir, log_path)
         logger.info("finished in %.0f s", time.perf_counter() - started)
     finally:
         if args.work_dir is None:
