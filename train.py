@@ -384,7 +384,14 @@ def compute_features(model, dataset, args, context, pad_token_id):
     """Return (image_features, question_features) for every item, computed once with frozen encoders.
 
     Each rank encodes its share and the shares are gathered, so every rank holds all features.
+    An empty dataset returns two tensors with no rows.
     """
+    if len(dataset) == 0:
+        # An empty split, such as validation with --val_fraction 0, has nothing to stack.
+        return (
+            torch.zeros(0, model.vision_encoder.config.hidden_size),
+            torch.zeros(0, model.text_encoder.config.hidden_size),
+        )
     loader = make_loader(dataset, args, context, shuffle=False, pad_token_id=pad_token_id, epoch_seed=0)
     image_features = {}
     question_features = {}
