@@ -114,7 +114,7 @@ def read_csv_file(csv_path, required=REQUIRED_COLUMNS):
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise UsageError(f"{csv_path} not found; pass --data_dir with a folder that holds {CSV_NAME}")
+        raise UsageError(f"{csv_path} not found; pass --data_dir with a folder that contains {CSV_NAME}")
     try:
         frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
     except pd.errors.EmptyDataError:
@@ -147,7 +147,7 @@ def resolve_image_path(data_dir, paper_id, image_name):
 
 
 def check_image_file(path, max_pixels):
-    """Return None if path holds a readable image within max_pixels, else (kind, detail)."""
+    """Return None if path contains a readable image within max_pixels, else (kind, detail)."""
     try:
         with Image.open(path) as image:
             width, height = image.size

@@ -170,7 +170,7 @@ def predict_csv(predictor, args):
     has_answers = bool((rows["answer"] != "").any())
     answers = rows["answer"]
     if predictor.model_args.get("normalize_answers", False):
-        # The label map holds normalised answers, so the gold answers must be normalised to match.
+        # The label map contains normalised answers, so the gold answers must be normalised to match.
         answers = answers.map(data.normalize_answer)
     labels = data.encode_labels(answers, predictor.label_map) if has_answers else [-1] * len(rows)
     image_cache = None if args.no_image_cache else data.ImageCache(

@@ -383,7 +383,7 @@ def make_loader(dataset, args, context, shuffle, pad_token_id, epoch_seed):
 def compute_features(model, dataset, args, context, pad_token_id):
     """Return (image_features, question_features) for every item, computed once with frozen encoders.
 
-    Each rank encodes its share and the shares are gathered, so every rank holds all features.
+    Each rank encodes its share and the shares are gathered, so every rank has all features.
     An empty dataset returns two tensors with no rows.
     """
     if len(dataset) == 0:

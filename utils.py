@@ -234,7 +234,7 @@ def read_weights_metadata(path):
 
 
 def load_weights(path, device="cpu"):
-    """Read a safetensors state dict; it holds tensors only, so loading runs no code."""
+    """Read a safetensors state dict, which contains tensors only, so loading runs no code."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -258,7 +258,7 @@ def load_training_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError or RuntimeError depending on the payload
-        raise UsageError(f"{path} was refused: it is not a plain tensor checkpoint ({error})") from None
+        raise UsageError(f"{path} was rejected: it is not a plain tensor checkpoint ({error})") from None
 
 
 def all_reduce_mean(values, context):

@@ -406,7 +406,7 @@ def copy_run(reference_run, tmp_path):
     return run_dir
 
 
-def test_pickled_state_refused(tmp_path, offline_models, image_cache_dir, reference_run):
+def test_pickled_state_rejected(tmp_path, offline_models, image_cache_dir, reference_run):
     run_dir = copy_run(reference_run, tmp_path)
     marker = tmp_path / "code_ran"
     state = read_state(run_dir)
@@ -415,7 +415,7 @@ def test_pickled_state_refused(tmp_path, offline_models, image_cache_dir, refere
 
     result = run_script(train_command(offline_models, run_dir, image_cache_dir, "--resume", str(run_dir)), check=False)
     assert result.returncode == 2
-    assert "training_state.pt was refused" in result.stderr
+    assert "training_state.pt was rejected" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()
 
