@@ -365,7 +365,15 @@ def plot_training_curves(history, baselines, path):
         for color, (name, figures) in zip(colors, baselines.items()):
             if figures.get(baseline_key) is not None:
                 axis.axhline(figures[baseline_key], linestyle="--", color=color, label=name.replace("_", " "))
-        axis.set(title=title, xlabel="epoch", ylim=(0, 1))
+        shown = [value for value in values if value is not None]
+        ceiling = history[-1].get("val_answerable_fraction") if history and key == "val_accuracy" else None
+        if ceiling is not None:
+            axis.axhline(ceiling, linestyle=":", color="gray", label="answerable fraction (ceiling)")
+            shown.append(ceiling)
+        # Scores on unique free-text answers are small; a fixed 0-1 axis would flatten them.
+        shown += [figures[baseline_key] for figures in baselines.values() if figures.get(baseline_key) is not None]
+        top = min(1.0, max([0.05] + shown) * 1.25)
+        axis.set(title=title, xlabel="epoch", ylim=(0, top))
 
     for axis in (loss_axis, accuracy_axis, rouge_axis):
         axis.grid(alpha=0.3)
