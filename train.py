@@ -326,7 +326,7 @@ def prepare_data(args, context):
 
     def make_dataset(frame):
         captions = list(frame["caption"]) if args.use_caption and "caption" in frame.columns else None
-        encoded = data.tokenize_questions(tokenizer, frame["question"], captions)
+        encoded = data.EncodedQuestions(tokenizer, frame["question"], captions)
         return data.QuestionImageDataset(
             frame["image_path"],
             encoded,

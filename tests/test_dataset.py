@@ -180,3 +180,19 @@ def test_questions_truncated_at_128_tokens(offline_models):
     assert len(input_ids) == data.MAX_QUESTION_TOKENS
     assert input_ids[-1] == tokenizer.sep_token_id
     assert len(token_type_ids) == data.MAX_QUESTION_TOKENS
+
+
+def test_encoded_questions_match_tokenizer(offline_models):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(offline_models[1])
+    rows = data.read_csv_file(DATA_DIR / data.CSV_NAME).iloc[:50]
+    captions = ["" if position % 3 == 0 else answer for position, answer in enumerate(rows["answer"])]
+    expected = data.tokenize_questions(tokenizer, list(rows["question"]), captions)
+    packed = data.EncodedQuestions(tokenizer, rows["question"], captions, chunk_size=7)
+
+    assert len(packed) == 50
+    for position, (input_ids, token_type_ids) in enumerate(expected):
+        assert packed[position][0].tolist() == input_ids
+        assert packed[position][1].tolist() == token_type_ids
+    assert packed[0][0].dtype == np.int32
