@@ -24,6 +24,10 @@ from utils import UsageError
 
 logger = logging.getLogger("spiqa")
 
+# The words that error messages use for each input: command-line options, or --interactive JSON keys.
+OPTION_NAMES = {"paper_id": "--paper_id", "image": "--image", "question": "--question"}
+JSON_KEY_NAMES = {"paper_id": "paper_id", "image": "image", "question": "question"}
+
 
 # Model settings in run_config.json that build_model and Predictor read.
 MODEL_KEYS = ("vision_model", "text_model", "vision_config", "text_config", "num_classes", "num_papers", "image_settings")
@@ -118,9 +122,9 @@ class Predictor:
                             "classes": classes})
         return results
 
-    def answer(self, paper_id, image_path, question, caption="", top_k=5):
+    def answer(self, paper_id, image_path, question, caption="", top_k=5, names=OPTION_NAMES):
         """Answer one question about one image; returns {"answer", "confidence", "top_k"}."""
-        check_question_inputs(paper_id, image_path, question)
+        check_question_inputs(paper_id, image_path, question, names)
         if paper_id not in self.paper_vocab:
             logger.warning("paper %s was not seen in training; using the unknown-paper embedding", paper_id)
 
@@ -133,17 +137,20 @@ class Predictor:
         return result
 
 
-def check_question_inputs(paper_id, image_path, question):
-    """Raise UsageError for an empty question, a malformed paper id, or an image that cannot be read."""
+def check_question_inputs(paper_id, image_path, question, names=OPTION_NAMES):
+    """Raise UsageError for an empty question, a malformed paper id, or an image that cannot be read.
+
+    names maps each input to the word used for it in messages: the option or the JSON key.
+    """
     if not question or not question.strip():
-        raise UsageError("--question is empty; pass the question text")
+        raise UsageError(f"{names['question']} is empty; pass the question text")
     if not data.PAPER_ID_PATTERN.match(paper_id) or ".." in paper_id:
-        raise UsageError(f"--paper_id {paper_id!r} is not a paper id; use an arXiv-style id such as 1611.04684v1")
+        raise UsageError(f"{names['paper_id']} {paper_id!r} is not a paper id; use an arXiv-style id such as 1611.04684v1")
     if not Path(image_path).is_file():
-        raise UsageError(f"--image {image_path} not found")
+        raise UsageError(f"{names['image']} {image_path} not found")
     problem = data.check_image_file(image_path, data.DEFAULT_MAX_IMAGE_PIXELS)
     if problem is not None:
-        raise UsageError(f"--image {image_path}: {problem[0]}: {problem[1]}")
+        raise UsageError(f"{names['image']} {image_path}: {problem[0]}: {problem[1]}")
 
 
 def predict_csv(predictor, args):
@@ -165,6 +172,11 @@ def predict_csv(predictor, args):
         report = data.validate_rows(frame.assign(answer="unanswered"), data_dir)
         report.rows["answer"] = ""
     rows = data.report_problems(report, str(input_csv), strict=False)
+    if len(rows) == 0:
+        raise UsageError(
+            f"no row of {input_csv} can be answered; images are looked up as <data_dir>/<paper_id>/<Image> "
+            f"with --data_dir {data_dir}, so pass the folder that contains the paper folders"
+        )
 
     captions = list(rows["caption"]) if "caption" in rows.columns else None
     has_answers = bool((rows["answer"] != "").any())
@@ -211,25 +223,41 @@ def predict_csv(predictor, args):
     return metrics
 
 
+INTERACTIVE_KEYS = ("paper_id", "image", "question")
+
+
 def interactive(predictor, top_k):
     """Answer one JSON object per line of standard input ({"paper_id", "image", "question"}),
-    printing one JSON result per line; invalid lines print {"error": ...} and the loop goes on."""
+    printing one JSON result per line; invalid lines print {"error": ...} and the loop goes on.
+
+    Image paths are read as given, relative to the current directory.
+    """
     for line in sys.stdin:
         if not line.strip():
             continue
         try:
             request = json.loads(line)
+            missing = [key for key in INTERACTIVE_KEYS if not isinstance(request, dict) or key not in request]
+            if missing:
+                raise UsageError(f"missing key(s) {', '.join(missing)}; each line needs paper_id, image and question")
             result = predictor.answer(
-                request["paper_id"], request["image"], request["question"], request.get("caption", ""), top_k
+                request["paper_id"], request["image"], request["question"], request.get("caption", ""), top_k,
+                names=JSON_KEY_NAMES,
             )
-        except (json.JSONDecodeError, KeyError, TypeError, UsageError) as error:
-            logger.warning("rejected input line: %s", error)
-            result = {"error": f"{type(error).__name__}: {error}"}
+        except json.JSONDecodeError as error:
+            result = {"error": f"the line is not valid JSON: {error}"}
+        except (TypeError, UsageError) as error:
+            result = {"error": str(error)}
+        if "error" in result:
+            logger.warning("rejected input line: %s", result["error"])
         print(json.dumps(result, ensure_ascii=False), flush=True)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Answer questions about paper figures with a trained SPIQA classifier.")
+    parser = argparse.ArgumentParser(
+        description="Answer questions about paper figures with a trained SPIQA classifier.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--checkpoint_dir", default="runs/spiqa", help="run directory written by train.py")
     parser.add_argument("--paper_id", help="paper id, for example 1611.04684v1")
     parser.add_argument("--image", help="path of the figure or table image")

@@ -39,7 +39,10 @@ PREVIOUS_WEIGHTS_NAME = "previous.safetensors"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train the SPIQA figure and table question classifier.")
+    parser = argparse.ArgumentParser(
+        description="Train the SPIQA figure and table question classifier.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--data_dir", default="OverheatData", help="folder with training_data.csv and one image folder per paper")
     parser.add_argument("--train_file", default=None, help="training questions instead of --data_dir: a SPIQA release JSON split (for example train_val/SPIQA_train.json) or a CSV in the training_data.csv format")
     parser.add_argument("--train_images_dir", default=None, help="folder with one image folder per paper for --train_file (for example train_val/SPIQA_train_val_Images)")
@@ -167,6 +170,25 @@ def check_args(args):
         args.select_metric = "train_loss"
     if args.resume is not None and not Path(args.resume, utils.TRAINING_STATE_NAME).is_file():
         raise UsageError(f"--resume {args.resume} contains no {utils.TRAINING_STATE_NAME}; pass a run directory that train.py wrote")
+    if args.resume is not None:
+        finished = finished_epochs(Path(args.resume))
+        if finished is not None and args.epochs <= finished:
+            raise UsageError(
+                f"--epochs {args.epochs}: the run in {args.resume} has already finished {finished} epochs; "
+                f"pass --epochs {finished + 1} or more to continue it"
+            )
+
+
+def finished_epochs(run_dir):
+    """Return the last epoch that metrics.jsonl records, or None for a run without one.
+
+    metrics.jsonl is written after the checkpoint, so it never counts an epoch the checkpoint lacks.
+    """
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    epochs = [json.loads(line)["epoch"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return max(epochs) if epochs else None
 
 
 def check_data_args(args):
@@ -846,6 +868,11 @@ def train(args):
         state["epoch"] = epoch
 
         value = metrics.get(args.select_metric)
+        if value is None and context.is_main_process:
+            logger.warning(
+                "epoch %d: %s is undefined (no held-out question has a training answer), so this epoch counts "
+                "as the best; choose another --select_metric such as val_rouge_l", epoch, args.select_metric,
+            )
         is_best = is_improvement(value, state["best_value"], args.select_metric)
         if is_best:
             state["best_value"], state["best_epoch"] = value, epoch

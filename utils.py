@@ -40,9 +40,9 @@ class UsageError(Exception):
 
 
 def setup_logging(is_main_process=True, level=logging.INFO):
-    """Send log records to stderr on rank 0; other ranks log warnings and errors only."""
+    """Send log records to stderr on rank 0; other ranks log errors only, so warnings appear once."""
     logging.basicConfig(
-        level=level if is_main_process else logging.WARNING,
+        level=level if is_main_process else logging.ERROR,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         force=True,

@@ -16,6 +16,7 @@ import time
 import zlib
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -353,14 +354,19 @@ def test_resume_after_kill(tmp_path, offline_models, image_cache_dir, reference_
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_resume_reads_saved_options(reference_run):
+def test_resume_reads_saved_options(tmp_path, reference_run):
     import train
 
-    args = train.parse_args(["--resume", str(reference_run), "--num_workers", "1"])
+    # A run stopped after its first epoch: only that epoch is in metrics.jsonl.
+    run_dir = copy_run(reference_run, tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+
+    args = train.parse_args(["--resume", str(run_dir), "--num_workers", "1"])
     assert args.epochs == 2
     assert args.batch_size == 4
     assert args.num_workers == 1
-    assert args.output_dir == str(reference_run)
+    assert args.output_dir == str(run_dir)
 
 
 def test_kill_in_state_write(tmp_path, offline_models, image_cache_dir, reference_run):
@@ -432,7 +438,8 @@ def test_resume_without_matching_weights(tmp_path, offline_models, image_cache_d
     state["epoch"] = 5
     torch.save(state, run_dir / "training_state.pt")
 
-    result = run_script(train_command(offline_models, run_dir, image_cache_dir, "--resume", str(run_dir)), check=False)
+    command = train_command(offline_models, run_dir, image_cache_dir, "--resume", str(run_dir), "--epochs", "6")
+    result = run_script(command, check=False)
     assert result.returncode == 2
     assert "has no weights for epoch 5" in result.stderr
     assert "Traceback" not in result.stderr
@@ -536,3 +543,42 @@ def test_predict_unseen_paper(reference_run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["answer"] in json.loads((reference_run / "label_map.json").read_text())
     assert "was not seen in training" in result.stderr
+
+
+def test_resume_finished_run_rejected(reference_run):
+    result = run_script([sys.executable, "train.py", "--resume", str(reference_run), "--epochs", "2"], check=False)
+    assert result.returncode == 2
+    assert "has already finished 2 epochs; pass --epochs 3 or more" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_csv_without_answerable_rows(tmp_path, reference_run):
+    rows = pd.read_csv(DATA_DIR / "training_data.csv", dtype=str, keep_default_na=False).iloc[:3]
+    input_csv = tmp_path / "questions.csv"
+    rows.to_csv(input_csv, index=False)
+    result = run_script([sys.executable, "predict.py", "--checkpoint_dir", str(reference_run), "--input_csv",
+                         str(input_csv), "--output_csv", str(tmp_path / "answers.csv")], check=False)
+    assert result.returncode == 2
+    assert "no row of" in result.stderr
+    assert "--data_dir" in result.stderr
+    assert not (tmp_path / "answers.csv").exists()
+
+
+def test_interactive_reports_bad_lines(reference_run):
+    lines = [
+        json.dumps({"paper_id": "1611.04684v1", "question": "Which model performs best?"}),
+        "not json",
+        json.dumps({"paper_id": "1611.04684v1", "image": "absent.png", "question": "Which?"}),
+        json.dumps({"paper_id": "1611.04684v1", "image": str(FIGURE), "question": "Which model performs best?"}),
+    ]
+    process = subprocess.run(
+        [sys.executable, "predict.py", "--checkpoint_dir", str(reference_run), "--interactive"],
+        cwd=REPO_ROOT, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300,
+    )
+    outputs = [json.loads(line) for line in process.stdout.splitlines()]
+    assert process.returncode == 0
+    assert len(outputs) == 4
+    assert outputs[0]["error"] == "missing key(s) image; each line needs paper_id, image and question"
+    assert outputs[1]["error"].startswith("the line is not valid JSON")
+    assert outputs[2]["error"] == "image absent.png not found"
+    assert outputs[3]["answer"] in json.loads((reference_run / "label_map.json").read_text())
