@@ -419,7 +419,8 @@ def test_pickled_state_rejected(tmp_path, offline_models, image_cache_dir, refer
     state["payload"] = CodeRunningPayload(marker)
     torch.save(state, run_dir / "training_state.pt")
 
-    result = run_script(train_command(offline_models, run_dir, image_cache_dir, "--resume", str(run_dir)), check=False)
+    command = train_command(offline_models, run_dir, image_cache_dir, "--resume", str(run_dir), "--epochs", "3")
+    result = run_script(command, check=False)
     assert result.returncode == 2
     assert "training_state.pt was rejected" in result.stderr
     assert "Traceback" not in result.stderr
