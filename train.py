@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import dataset as data
 import utils
-from model import build_model
+from model import FUSION_HIDDEN_DIM, PAPER_EMBEDDING_DIM, build_model
 from utils import UsageError
 
 logger = logging.getLogger("spiqa")
@@ -613,19 +613,20 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def model_arguments(args, prepared, vision_encoder, text_encoder):
-    """Return everything predict.py needs to rebuild the network without the original command line."""
+def model_arguments(args, prepared):
+    """Return the settings that build the network; train() adds the encoders' configs once they load.
+
+    With those configs, the dict is everything predict.py needs to rebuild the network.
+    """
     return {
         "vision_model": args.vision_model,
         "text_model": args.text_model,
-        "vision_config": vision_encoder.config.to_dict(),
-        "text_config": text_encoder.config.to_dict(),
         "num_classes": len(prepared["label_map"]),
         "num_papers": len(prepared["paper_vocab"]),
         "image_settings": prepared["image_settings"].to_dict(),
         "max_question_tokens": data.MAX_QUESTION_TOKENS,
-        "paper_embedding_dim": 64,
-        "hidden_dim": 512,
+        "paper_embedding_dim": PAPER_EMBEDDING_DIM,
+        "hidden_dim": FUSION_HIDDEN_DIM,
         "dropout": args.dropout,
         "attn_implementation": args.attn_implementation,
         "use_caption": prepared["use_caption"],
@@ -787,17 +788,10 @@ def train(args):
     pad_token_id = prepared["tokenizer"].pad_token_id or 0
 
     utils.seed_everything(args.seed)
-    model_args = {
-        "vision_model": args.vision_model,
-        "text_model": args.text_model,
-        "num_classes": len(prepared["label_map"]),
-        "num_papers": len(prepared["paper_vocab"]),
-        "image_settings": prepared["image_settings"].to_dict(),
-        "dropout": args.dropout,
-        "attn_implementation": args.attn_implementation,
-    }
+    model_args = model_arguments(args, prepared)
     model = build_model(model_args, pretrained=True)
-    model_args = model_arguments(args, prepared, model.vision_encoder, model.text_encoder)
+    model_args["vision_config"] = model.vision_encoder.config.to_dict()
+    model_args["text_config"] = model.text_encoder.config.to_dict()
     if args.freeze_encoders:
         model.freeze_encoders()
     model.to(context.device)
