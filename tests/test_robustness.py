@@ -314,9 +314,15 @@ def read_state(run_dir):
 
 
 def assert_same_weights(run_dir, reference_dir):
-    torch.testing.assert_close(
-        load_file(run_dir / "last.safetensors"), load_file(reference_dir / "last.safetensors"), rtol=1e-5, atol=1e-6
-    )
+    weights = load_file(run_dir / "last.safetensors")
+    reference = load_file(reference_dir / "last.safetensors")
+    assert weights.keys() == reference.keys()
+    for name, tensor in weights.items():
+        # Softmax ignores a constant added to every score, so an attention key bias has a zero gradient in
+        # exact arithmetic. AdamW divides its rounding noise (about 1e-10) by the noise's own size plus
+        # eps, which moves the bias by up to a few 1e-6 in either direction from one process to the next.
+        atol = 1e-5 if name.endswith("attention.self.key.bias") else 1e-6
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=atol, msg=lambda text: f"{name}: {text}")
 
 
 @pytest.fixture(scope="module")
